@@ -1,0 +1,40 @@
+"""Samplers: pure functions ``(model, x_T, ts, space, generator, **options) -> SamplerOutput(x, nfe)``.
+
+See :data:`SOLVERS` for the registry by name and :func:`get_solver` to look one up.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .common import NonFiniteError, SamplerOutput
+from .ddim import sample_ancestral, sample_ddim
+from .ode import sample_edm_stochastic, sample_euler, sample_heun
+
+SOLVERS: dict[str, Callable[..., SamplerOutput]] = {
+    "ancestral": sample_ancestral,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "edm_stochastic": sample_edm_stochastic,
+}
+
+
+def get_solver(name: str) -> Callable[..., SamplerOutput]:
+    """The sampler registered under ``name``; an unknown name lists the valid ones."""
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}; valid names: {', '.join(sorted(SOLVERS))}") from None
+
+
+__all__ = [
+    "SOLVERS",
+    "get_solver",
+    "SamplerOutput",
+    "NonFiniteError",
+    "sample_ancestral",
+    "sample_ddim",
+    "sample_euler",
+    "sample_heun",
+    "sample_edm_stochastic",
+]
