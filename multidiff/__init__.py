@@ -5,6 +5,7 @@ from . import prediction, process, samplers, schedules, space
 from .denoiser import DataPredictor, Denoiser
 from .process import EDM, VE, VP, DiscreteVP, Flow, Process, SubVP, make_process
 from .samplers import SOLVERS, SamplerOutput, get_solver
+from .sampling import sample, sample_edm, steps_for_nfe
 from .schedules import make_grid
 from .space import DenseSpace, GraphSpace
 
@@ -13,6 +14,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Process", "VP", "DiscreteVP", "VE", "SubVP", "EDM", "Flow", "make_process",
     "DenseSpace", "GraphSpace", "Denoiser", "DataPredictor",
-    "SOLVERS", "get_solver", "SamplerOutput", "make_grid",
+    "SOLVERS", "get_solver", "SamplerOutput", "make_grid", "sample", "sample_edm", "steps_for_nfe",
     "prediction", "process", "samplers", "schedules", "space",
 ]

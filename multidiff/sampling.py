@@ -1,0 +1,124 @@
+"""The front door to the samplers: pick a solver by name and an NFE budget, or bring a plain
+EDM/k-diffusion denoiser ``D(x, sigma)``.
+
+* :func:`sample` draws ``x_T`` from the prior on a Space and runs a named solver with the
+  number of steps that spends at most ``nfe`` network evaluations.
+* :func:`sample_edm` runs any named solver on a plain denoiser in the EDM convention
+  ``x = x0 + sigma eps`` over a decreasing ``sigma`` grid ending at 0.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .process import EDM, Process
+from .samplers import SamplerOutput, get_solver
+from .schedules import GridError, from_sigmas, make_grid
+from .space import DenseSpace
+
+__all__ = ["sample", "sample_edm", "steps_for_nfe", "PlainDenoiser", "DEFAULT_GRID"]
+
+#: network evaluations per step, for solvers that spend more than one (the step into
+#: ``sigma = 0`` of the Heun family costs one evaluation instead of two).
+_EVALS_PER_STEP = {"heun": 2, "edm_stochastic": 2}
+
+#: the time grid each solver uses unless told otherwise (see benchmarks/README.md)
+DEFAULT_GRID: dict[str, str] = {}
+
+
+def steps_for_nfe(solver: str, nfe: int, **options: Any) -> int:
+    """The largest number of steps whose cost stays within ``nfe`` evaluations."""
+    get_solver(solver)
+    if not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    if solver == "pc":
+        per = 1 + int(options.get("corrector_steps", 1))
+        # (steps - 1) predictor-corrector steps, then the final denoising step without a corrector
+        return (nfe - 1) // per + 1
+    per = _EVALS_PER_STEP.get(solver, 1)
+    if per == 1:
+        return nfe
+    steps = (nfe + 1) // per
+    if steps < 1:
+        raise ValueError(f"solver {solver!r} needs at least {per - 1} evaluations, got nfe={nfe}")
+    return steps
+
+
+def sample(
+    model,
+    space,
+    solver: str = "dpmpp_2m",
+    nfe: int = 20,
+    grid: str | Tensor | None = None,
+    generator: torch.Generator | None = None,
+    x_T: Tensor | None = None,
+    **options: Any,
+) -> SamplerOutput:
+    """Sample from ``model`` on ``space`` with a named ``solver`` in at most ``nfe`` evaluations.
+
+    ``grid`` is a grid name (``"uniform"``, ``"log_snr"``, ``"karras"``, ``"quadratic"``) or an
+    explicit grid tensor; by default the solver's own default grid. ``x_T`` defaults to a
+    draw from the process prior. For ``solver="rk45"`` the budget is set by ``rtol``/``atol``
+    in ``options`` and ``nfe`` is ignored.
+    """
+    fn = get_solver(solver)
+    process: Process = model.process
+    if isinstance(grid, Tensor):
+        ts = grid
+    else:
+        name = grid or DEFAULT_GRID.get(solver, "karras")
+        steps = 1 if solver == "rk45" else steps_for_nfe(solver, nfe, **options)
+        ts = make_grid(name, process, steps)
+    if x_T is None:
+        x_T = process.prior_sample(space, generator)
+    return fn(model, x_T, ts, space, generator, **options)
+
+
+class PlainDenoiser:
+    """Adapts ``D(x, sigma) -> x0_hat`` (EDM/k-diffusion convention, ``x = x0 + sigma eps``)
+    to the sampler protocol on the :class:`~multidiff.process.EDM` process (``t = sigma``)."""
+
+    def __init__(self, denoiser: Callable[[Tensor, Tensor], Tensor], sigma_max: float, sigma_min: float):
+        self.denoiser = denoiser
+        self.process = EDM(sigma_min=sigma_min, sigma_max=sigma_max)
+
+    def __call__(self, x: Tensor, t: Tensor, space) -> Tensor:
+        return self.denoiser(x, t.to(x.dtype))
+
+
+def sample_edm(
+    denoiser: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    sigmas,
+    solver: str = "dpmpp_2m",
+    generator: torch.Generator | None = None,
+    space=None,
+    **options: Any,
+) -> SamplerOutput:
+    """Run any solver of :data:`multidiff.samplers.SOLVERS` on a plain denoiser.
+
+    Args:
+        denoiser: ``D(x, sigma) -> x0_hat`` with ``sigma`` a per-item ``[B]`` tensor in ``x``'s dtype.
+        x: the starting state at ``sigmas[0]``, i.e. ``x = x0 + sigmas[0] * noise`` (for sampling
+            from scratch: ``sigmas[0] * torch.randn(...)``).
+        sigmas: decreasing noise levels ending at 0, e.g. ``multidiff.schedules.karras(EDM(), n)``'s
+            sigmas or k-diffusion's ``get_sigmas_karras(n, 0.002, 80)``.
+        solver: a solver name; ``options`` go to it (``eta``, ``order``, ``s_churn``, ...).
+        space: defaults to a :class:`~multidiff.space.DenseSpace` of ``x``'s shape.
+
+    Returns:
+        ``SamplerOutput(x, nfe)``.
+    """
+    sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+    if sig.numel() < 2 or float(sig[-1]) != 0.0:
+        raise GridError(f"sigmas must hold at least two decreasing noise levels ending at 0, got {sig.tolist()}")
+    positive = sig[:-1]
+    if bool((positive <= 0).any()):
+        raise GridError(f"only the last noise level may be 0, got {sig.tolist()}")
+    model = PlainDenoiser(denoiser, float(positive.max()), float(positive.min()))
+    ts = from_sigmas(model.process, sig)
+    space = DenseSpace.like(x) if space is None else space
+    return get_solver(solver)(model, x, ts, space, generator, **options)
+
