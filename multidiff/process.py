@@ -291,7 +291,7 @@ def discrete_betas(kind: str, steps: int, **kw) -> Tensor:
         a2 = torch.cumprod(step, 0)
         a2 = (1 - 2 * precision) * a2 + precision
         ab = a2[1:]  # alpha_bar at n = 1..steps (index 0 is n = 0 of EDM's table)
-        prev = torch.cat([a2[:1], ab[:-1]])
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])  # so that prod(1 - beta) = a2[1:]
         return 1 - ab / prev
     raise ValueError(f"unknown discrete beta schedule {kind!r}; valid: 'linear', 'cosine', 'polynomial_<power>'")
 
@@ -372,7 +372,7 @@ class VE(Process):
         self.t_min = 1e-5  # score_sde's eps for VE
 
     def log_alpha(self, t: Tensor) -> Tensor:
-        return torch.zeros_like(_as_tensor(t))
+        return 0.0 * _as_tensor(t)  # (not zeros_like: keeps the autograd link for derivatives() and sde())
 
     def sigma(self, t: Tensor) -> Tensor:
         t = _as_tensor(t)
@@ -415,7 +415,7 @@ class EDM(Process):
         self.t_min = sigma_min
 
     def log_alpha(self, t: Tensor) -> Tensor:
-        return torch.zeros_like(_as_tensor(t))
+        return 0.0 * _as_tensor(t)  # (not zeros_like: keeps the autograd link for derivatives() and sde())
 
     def sigma(self, t: Tensor) -> Tensor:
         return _as_tensor(t)
