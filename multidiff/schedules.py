@@ -82,7 +82,7 @@ def uniform_log_snr(process: Process, steps: int, t_max: float | None = None, t_
     lam_lo = _finite_top(process, t_max, process.log_snr)
     lam = torch.linspace(lam_lo, lam_hi, n, dtype=torch.float64)
     ts = process.t_from_log_snr(lam)
-    ts[0], ts[-1] = t_max, t_min
+    ts[-1], ts[0] = t_min, t_max  # in this order so a one-step grid starts at t_max
     return _finish(ts, process)
 
 
