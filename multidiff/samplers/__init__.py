@@ -8,7 +8,11 @@ from typing import Callable
 
 from .common import NonFiniteError, SamplerOutput
 from .ddim import sample_ancestral, sample_ddim
+from .deis import sample_deis
+from .dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m
+from .ipndm import sample_ipndm
 from .ode import sample_edm_stochastic, sample_euler, sample_heun
+from .unipc import sample_unipc
 
 SOLVERS: dict[str, Callable[..., SamplerOutput]] = {
     "ancestral": sample_ancestral,
@@ -16,6 +20,12 @@ SOLVERS: dict[str, Callable[..., SamplerOutput]] = {
     "euler": sample_euler,
     "heun": sample_heun,
     "edm_stochastic": sample_edm_stochastic,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_3m": sample_dpmpp_3m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "unipc": sample_unipc,
+    "ipndm": sample_ipndm,
+    "deis": sample_deis,
 }
 
 
@@ -37,4 +47,10 @@ __all__ = [
     "sample_euler",
     "sample_heun",
     "sample_edm_stochastic",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_3m",
+    "sample_dpmpp_2m_sde",
+    "sample_unipc",
+    "sample_ipndm",
+    "sample_deis",
 ]
