@@ -24,6 +24,10 @@ from .data import (
     UnreadableImageError,
     digits_split,
 )
+from .classifier import DigitsClassifier, ImageShapeError, ImageValueError, load_digits_classifier
+from .io import image_grid, save_images
+from .metrics import class_accuracy, evaluate_images, features, frechet_distance, precision_recall, predict
+from .modality import ImagesModality
 from .networks import (
     NETWORKS,
     ConfigError,
@@ -38,6 +42,19 @@ from .networks import (
 )
 
 __all__ = [
+    "DigitsClassifier",
+    "ImageShapeError",
+    "ImageValueError",
+    "ImagesModality",
+    "class_accuracy",
+    "evaluate_images",
+    "features",
+    "frechet_distance",
+    "image_grid",
+    "load_digits_classifier",
+    "precision_recall",
+    "predict",
+    "save_images",
     "IMAGE_EXTENSIONS",
     "NETWORKS",
     "RESAMPLE",
