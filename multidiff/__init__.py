@@ -1,8 +1,10 @@
 """multidiff: one modality-agnostic diffusion core, and adapters for images, audio, molecules and point clouds."""
 from __future__ import annotations
 
-from . import prediction, process, samplers, schedules, space
+from . import guidance, prediction, process, samplers, schedules, space
 from .denoiser import DataPredictor, Denoiser
+from .integrate import dopri5
+from .likelihood import LikelihoodResult, log_likelihood
 from .process import EDM, VE, VP, DiscreteVP, Flow, Process, SubVP, make_process
 from .samplers import SOLVERS, SamplerOutput, get_solver
 from .sampling import sample, sample_edm, steps_for_nfe
@@ -15,5 +17,6 @@ __all__ = [
     "Process", "VP", "DiscreteVP", "VE", "SubVP", "EDM", "Flow", "make_process",
     "DenseSpace", "GraphSpace", "Denoiser", "DataPredictor",
     "SOLVERS", "get_solver", "SamplerOutput", "make_grid", "sample", "sample_edm", "steps_for_nfe",
-    "prediction", "process", "samplers", "schedules", "space",
+    "log_likelihood", "LikelihoodResult", "dopri5",
+    "guidance", "prediction", "process", "samplers", "schedules", "space",
 ]

@@ -34,9 +34,10 @@ def steps_for_nfe(solver: str, nfe: int, **options: Any) -> int:
     if not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
     if solver == "pc":
-        per = 1 + int(options.get("corrector_steps", 1))
-        # (steps - 1) predictor-corrector steps, then the final denoising step without a corrector
-        return (nfe - 1) // per + 1
+        per = 1 + int(options.get("corrector_steps", 1))  # corrector(s) then predictor at every grid point
+        if nfe < per:
+            raise ValueError(f"solver 'pc' with {per - 1} corrector steps needs at least {per} evaluations, got nfe={nfe}")
+        return nfe // per
     per = _EVALS_PER_STEP.get(solver, 1)
     if per == 1:
         return nfe
@@ -69,8 +70,10 @@ def sample(
         ts = grid
     else:
         name = grid or DEFAULT_GRID.get(solver, "karras")
-        steps = 1 if solver == "rk45" else steps_for_nfe(solver, nfe, **options)
-        ts = make_grid(name, process, steps)
+        if solver == "rk45":  # adaptive: one interval [t_max, t_min], then the denoising step
+            ts = make_grid("uniform", process, 2)
+        else:
+            ts = make_grid(name, process, steps_for_nfe(solver, nfe, **options))
     if x_T is None:
         x_T = process.prior_sample(space, generator)
     return fn(model, x_T, ts, space, generator, **options)

@@ -12,6 +12,8 @@ from .deis import sample_deis
 from .dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m
 from .ipndm import sample_ipndm
 from .ode import sample_edm_stochastic, sample_euler, sample_heun
+from .rk45 import sample_rk45
+from .sde import sample_euler_maruyama, sample_pc
 from .unipc import sample_unipc
 
 SOLVERS: dict[str, Callable[..., SamplerOutput]] = {
@@ -26,6 +28,9 @@ SOLVERS: dict[str, Callable[..., SamplerOutput]] = {
     "unipc": sample_unipc,
     "ipndm": sample_ipndm,
     "deis": sample_deis,
+    "euler_maruyama": sample_euler_maruyama,
+    "pc": sample_pc,
+    "rk45": sample_rk45,
 }
 
 
@@ -53,4 +58,7 @@ __all__ = [
     "sample_unipc",
     "sample_ipndm",
     "sample_deis",
+    "sample_euler_maruyama",
+    "sample_pc",
+    "sample_rk45",
 ]
