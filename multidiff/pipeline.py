@@ -99,6 +99,8 @@ def train(modality: Modality | str, config: TrainConfig | None = None, sample_fn
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed)
         net = modality.build_network(config)
+    if sample_fn is None and config.run.sample_every > 0:
+        sample_fn = _preview_fn(modality, config)
     trainer = Trainer(
         net,
         make_loss_fn(modality, config),
@@ -109,6 +111,21 @@ def train(modality: Modality | str, config: TrainConfig | None = None, sample_fn
         sample_fn=sample_fn,
     )
     return trainer.fit()
+
+
+def _preview_fn(modality: Modality, config: TrainConfig, n: int = 16, nfe: int = 20) -> Callable:
+    """A trainer ``sample_fn`` that writes ``n`` samples of the EMA weights and their picture to
+    ``samples/step-XXXXXXXX/`` (fixed seed, so pictures are comparable across steps)."""
+
+    def preview(ema_module: nn.Module, step: int, out_dir: Path) -> None:
+        device = next(ema_module.parameters()).device
+        was_training = ema_module.training
+        pipe = DiffusionPipeline(modality, ema_module, config, device)
+        objects = pipe.sample(n, nfe=nfe, generator=torch.Generator(device=device).manual_seed(0))
+        modality.save(objects, Path(out_dir) / f"step-{step:08d}", config, picture=True)
+        ema_module.train(was_training)
+
+    return preview
 
 
 def find_pretrained(name: str, modality: str | None = None) -> Path:

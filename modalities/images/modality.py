@@ -131,3 +131,69 @@ class ImagesModality(Modality):
         if not PRETRAINED_DIR.is_dir():
             return {}
         return {p.name: p for p in sorted(PRETRAINED_DIR.iterdir()) if (p / "state.json").is_file()}
+
+    # -- command line ----------------------------------------------------------------------
+    def add_commands(self, subparsers) -> None:
+        for verb, help_text in (("inpaint", "fill the masked part of images (RePaint or replacement)"),
+                                ("superres", "2x super-resolution of images by reconstruction guidance (DPS)")):
+            p = subparsers.add_parser(verb, help=help_text)
+            p.add_argument("checkpoint", help="checkpoint or run directory, or a shipped name (digits)")
+            src = p.add_mutually_exclusive_group()
+            src.add_argument("--input", help="a folder of images of the model's size (default: held-out digits)")
+            src.add_argument("--heldout", type=int, default=16, help="use the first N held-out images (default 16)")
+            p.add_argument("--nfe", type=int, default=50, help="steps (default 50)")
+            p.add_argument("--solver", default="ddim", help="solver for replacement/DPS (default ddim)")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--device", default="cpu")
+            p.add_argument("--out", default=f"out/{verb}", help=f"output folder (default out/{verb})")
+            p.add_argument("--picture", action="store_true", help="write a picture: inputs, results, originals")
+            if verb == "inpaint":
+                p.add_argument("--mask", default="right", choices=["left", "right", "top", "bottom", "center"],
+                               help="which part to generate (default right)")
+                p.add_argument("--method", default="repaint", choices=["repaint", "replace"])
+            else:
+                p.add_argument("--scale", type=float, default=8.0, help="DPS guidance scale (default 8)")
+            p.set_defaults(func=self._run_task, task=verb)
+
+    def _run_task(self, args) -> int:
+        from multidiff.pipeline import DiffusionPipeline
+
+        from .io import image_grid, save_images
+        from .tasks import downsample, inpaint, super_resolve
+
+        pipe = DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device)
+        if args.input:
+            data = ImageFolderDataset(args.input, channels=pipe.config.data["image_shape"][0],
+                                      resize=tuple(pipe.config.data["image_shape"][1:]))
+            images, _ = data.tensors()
+        else:
+            images, _ = self.dataset(pipe.config, "holdout").tensors()
+            images = images[: args.heldout]
+        g = torch.Generator(device=args.device).manual_seed(args.seed)
+        if args.task == "inpaint":
+            mask = _region_mask(images.shape, args.mask)
+            result = inpaint(pipe, images, ~mask, method=args.method, solver=args.solver, nfe=args.nfe, generator=g)
+            shown = torch.where(mask, torch.zeros_like(images), images)
+        else:
+            low = downsample(images, 2)
+            result = super_resolve(pipe, low, 2, scale=args.scale, solver=args.solver, nfe=args.nfe, generator=g)
+            shown = torch.nn.functional.interpolate(low, scale_factor=2, mode="nearest")
+        paths = save_images(list(result.cpu()), args.out, prefix=args.task)
+        if args.picture:
+            grid = image_grid(torch.cat([shown.cpu(), result.cpu(), images.cpu()]), nrow=len(images),
+                              scale=max(1, 64 // images.shape[-1]))
+            grid.save(Path(args.out) / "picture.png")
+            paths.append(Path(args.out) / "picture.png")
+        print(f"wrote {len(paths)} files to {args.out}")
+        return 0
+
+
+def _region_mask(shape, region: str) -> Tensor:
+    """``True`` on the region to generate."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    h, w = shape[-2], shape[-1]
+    sl = {"left": (slice(None), slice(0, w // 2)), "right": (slice(None), slice(w // 2, None)),
+          "top": (slice(0, h // 2), slice(None)), "bottom": (slice(h // 2, None), slice(None)),
+          "center": (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))}[region]
+    mask[..., sl[0], sl[1]] = True
+    return mask

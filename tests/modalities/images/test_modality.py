@@ -124,3 +124,30 @@ def test_training_extended_later_equals_one_run(tmp_path):
     a = DiffusionPipeline.load(tmp_path / "a").net.state_dict()
     b = DiffusionPipeline.load(tmp_path / "b").net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inpainting_and_super_resolution_tasks(run_dir):
+    from multidiff.modalities.images import DigitsDataset
+    from multidiff.modalities.images.tasks import downsample, inpaint, super_resolve
+
+    pipe = DiffusionPipeline.load(run_dir)
+    x, _ = DigitsDataset("heldout").tensors()
+    x = x[:6]
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[..., :4] = True
+    for method in ("replace", "repaint"):
+        out = inpaint(pipe, x, mask, method=method, nfe=6, resamplings=2, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out[mask], x[mask]), method
+    low = downsample(x)
+    errs = [(downsample(super_resolve(pipe, low, scale=s, nfe=8, generator=torch.Generator().manual_seed(0))) - low)
+            .abs().mean() for s in (0.0, 8.0)]
+    assert errs[1] < 0.8 * errs[0], f"guidance did not pull the block averages toward the input: {errs}"
+    with pytest.raises(ValueError, match="low_res must be"):
+        super_resolve(pipe, x, 2)
+
+
+def test_training_writes_preview_pictures(tmp_path):
+    m, c = tiny_config(tmp_path / "p", steps=2)
+    c.run.sample_every = 2
+    train(m, c)
+    assert list((tmp_path / "p").rglob("grid.png")), "no preview picture written"
