@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .prediction import PREDICTIONS
 from .process import PROCESSES
@@ -107,14 +108,24 @@ def _resolve_labels(pipe, args, n):
 
 
 def cmd_sample(args) -> int:
-    pipe = _pipeline(args)
-    opts = _sample_options(args)
-    opts["labels"] = _resolve_labels(pipe, args, args.n)
-    if opts["labels"] is None:
-        opts.pop("labels")
-    objects = pipe.sample(args.n, generator=_generator(args), **opts)
-    paths = pipe.save(objects, args.out, picture=args.picture)
-    print(f"wrote {len(paths)} files to {args.out}")
+    """Samples in seeded chunks (see DiffusionPipeline.generate): the same files for a seed
+    whether run as one process or sharded over a ``torchrun`` launch."""
+    from .training.distributed import destroy_distributed, init_distributed
+
+    info = init_distributed()
+    try:
+        pipe = _pipeline(args)
+        opts = _sample_options(args)
+        opts.pop("progress")
+        opts["progress"] = info.is_main
+        if args.labels is not None:
+            opts["labels"] = "all" if args.labels == ["all"] else [int(v) for v in args.labels]
+        objects = pipe.generate(args.n, args.seed, Path(args.out) / "shards", chunk_size=args.chunk_size, **opts)
+        if objects is not None:
+            paths = pipe.save(objects, args.out, picture=args.picture)
+            print(f"wrote {len(paths)} files to {args.out}")
+    finally:
+        destroy_distributed()
     return 0
 
 
@@ -194,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p, 16)
     p.add_argument("--out", default="out/samples", help="output folder (default out/samples)")
     p.add_argument("--picture", action="store_true", help="also write a picture of the samples")
+    p.add_argument("--chunk-size", type=int, default=64,
+                   help="samples per seeded chunk (default 64); results depend on seed and chunk size only")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="sample a checkpoint and print its quality figures as JSON")

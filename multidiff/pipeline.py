@@ -260,6 +260,41 @@ class DiffusionPipeline:
             objects.extend(self.modality.decode(x, space, self.config))
         return objects
 
+    def generate(self, n: int, seed: int, out_dir: str | Path, chunk_size: int = 64, **kwargs: Any) -> list | None:
+        """Sample ``n`` items in fixed-size chunks, each seeded from ``(seed, chunk index)``, spread
+        over the processes of a ``torchrun`` launch (one process without it): every rank draws
+        chunks ``rank, rank + W, ...`` into its own shard file under ``out_dir`` and rank 0 merges
+        them in chunk order. The result depends on ``seed`` and ``chunk_size`` only, not on the
+        number of processes. Returns the domain objects on rank 0, ``None`` on the others.
+
+        Per-item requests must not vary across chunks: one label for all items, or
+        ``labels="all"``, which cycles through the classes inside every chunk.
+        """
+        from .training.distributed import dist_info, generate_sharded
+
+        request = dict(kwargs)
+        labels = request.pop("labels", None)
+        if isinstance(labels, str) and labels == "all":
+            k = int(self.config.model.get("num_classes", 0))
+            if not k:
+                raise ValueError("labels='all' needs a class-conditional model")
+            labels = [i % k for i in range(chunk_size)]
+        elif labels is not None and not isinstance(labels, int) and len(labels) != 1:
+            raise ValueError("sharded generation takes one label for all items, or labels='all'")
+
+        def draw(m: int, generator: torch.Generator) -> Tensor:
+            lab = None if labels is None else (labels[:m] if isinstance(labels, list) and len(labels) > 1 else labels)
+            extra = {} if lab is None else {"labels": lab}
+            chunks = self.sample_tensors(m, generator=generator, **request, **extra)
+            return torch.cat([c[0] for c in chunks])
+
+        merged = generate_sharded(draw, n, seed, out_dir, chunk_size=chunk_size, device=self.device)
+        if not dist_info().is_main or merged is None:
+            return None
+        x = merged["x"].to(self.device)
+        space = self.modality.space(self.config, n, self.device, x.dtype)
+        return self.modality.decode(x, space, self.config)
+
     def evaluate(self, objects: list, **options: Any) -> dict:
         return self.modality.evaluate(objects, self.config, **options)
 
