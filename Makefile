@@ -28,13 +28,15 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m multidiff.demo --out out/demo
+	OMP_NUM_THREADS=1 $(VENV)/bin/multidiff sample digits -n 100 --labels all --nfe 20 --picture --out out/demo/digits
+	OMP_NUM_THREADS=1 $(PY) -m multidiff.demo --out out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/samplers.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/images.py --checkpoint digits
 
 clean:
 	rm -rf out build dist *.egg-info .pytest_cache

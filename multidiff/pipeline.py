@@ -267,28 +267,36 @@ class DiffusionPipeline:
         them in chunk order. The result depends on ``seed`` and ``chunk_size`` only, not on the
         number of processes. Returns the domain objects on rank 0, ``None`` on the others.
 
-        Per-item requests must not vary across chunks: one label for all items, or
-        ``labels="all"``, which cycles through the classes inside every chunk.
+        ``labels``: one label, one per item, or ``"all"`` (item ``i`` gets class ``i mod K``).
         """
         from .training.distributed import dist_info, generate_sharded
 
         request = dict(kwargs)
         labels = request.pop("labels", None)
-        if isinstance(labels, str) and labels == "all":
-            k = int(self.config.model.get("num_classes", 0))
-            if not k:
-                raise ValueError("labels='all' needs a class-conditional model")
-            labels = [i % k for i in range(chunk_size)]
-        elif labels is not None and not isinstance(labels, int) and len(labels) != 1:
-            raise ValueError("sharded generation takes one label for all items, or labels='all'")
+        k = int(self.config.model.get("num_classes", 0))
+        if isinstance(labels, str) and labels != "all":
+            raise ValueError(f"labels must be class indices or 'all', got {labels!r}")
+        if labels == "all" and not k:
+            raise ValueError("labels='all' needs a class-conditional model")
 
-        def draw(m: int, generator: torch.Generator) -> Tensor:
-            lab = None if labels is None else (labels[:m] if isinstance(labels, list) and len(labels) > 1 else labels)
+        def labels_for(offset: int, m: int):
+            if labels is None:
+                return None
+            if labels == "all":  # cycle through the classes by global item index
+                return [(offset + i) % k for i in range(m)]
+            if isinstance(labels, int) or len(labels) == 1:
+                return labels
+            if len(labels) != n:
+                raise ValueError(f"got {len(labels)} labels for {n} samples")
+            return list(labels[offset: offset + m])
+
+        def draw(m: int, generator: torch.Generator, offset: int) -> Tensor:
+            lab = labels_for(offset, m)
             extra = {} if lab is None else {"labels": lab}
             chunks = self.sample_tensors(m, generator=generator, **request, **extra)
             return torch.cat([c[0] for c in chunks])
 
-        merged = generate_sharded(draw, n, seed, out_dir, chunk_size=chunk_size, device=self.device)
+        merged = generate_sharded(draw, n, seed, out_dir, chunk_size=chunk_size, device=self.device, with_offset=True)
         if not dist_info().is_main or merged is None:
             return None
         x = merged["x"].to(self.device)

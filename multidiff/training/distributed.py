@@ -149,7 +149,8 @@ def _shard_path(out_dir: Path, name: str, rank: int, world_size: int) -> Path:
 
 def generate_sharded(fn: Callable[[int, torch.Generator], Tensor | dict[str, Tensor]], total: int, seed: int,
                      out_dir: str | Path, *, chunk_size: int = 64, name: str = "samples", device="cpu",
-                     info: DistInfo | None = None, merge: bool = True) -> dict[str, Tensor] | None:
+                     info: DistInfo | None = None, merge: bool = True,
+                     with_offset: bool = False) -> dict[str, Tensor] | None:
     """Draw ``total`` samples across all ranks; returns the merged tensors on rank 0 (else ``None``).
 
     ``fn(n, generator)`` draws ``n`` samples using only ``generator`` for randomness and returns a
@@ -157,6 +158,8 @@ def generate_sharded(fn: Callable[[int, torch.Generator], Tensor | dict[str, Ten
     ``<name>.shard-RRRRR-of-WWWWW.safetensors``; rank 0 merges them into ``<name>.safetensors``
     (see the module docstring for why the result does not depend on the number of ranks).
     ``info`` overrides the rank and world size (to run the ranks one after another, e.g. in tests).
+    With ``with_offset``, ``fn`` is called as ``fn(n, generator, offset)`` where ``offset`` is the
+    index of the chunk's first sample in the whole job (for per-item requests such as labels).
     """
     if total < 1 or chunk_size < 1:
         raise ValueError(f"total and chunk_size must be >= 1, got {total}, {chunk_size}")
@@ -168,7 +171,7 @@ def generate_sharded(fn: Callable[[int, torch.Generator], Tensor | dict[str, Ten
     for c in range(info.rank, num_chunks, info.world_size):
         n = min(chunk_size, total - c * chunk_size)
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "generate", c))
-        out = fn(n, gen)
+        out = fn(n, gen, c * chunk_size) if with_offset else fn(n, gen)
         out = {"x": out} if isinstance(out, Tensor) else dict(out)
         for key, t in out.items():
             if "/" in key:
