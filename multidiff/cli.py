@@ -100,7 +100,7 @@ def cmd_train(args, overrides: list[str]) -> int:
 def _resolve_labels(pipe, args, n):
     labels = _labels_for(args, n)
     if labels == "all":
-        k = int(pipe.config.model.get("num_classes", 0))
+        k = pipe.modality.num_classes(pipe.config)
         if not k:
             raise CLIError("--labels all needs a class-conditional model")
         labels = [i % k for i in range(n)]

@@ -273,7 +273,7 @@ class DiffusionPipeline:
 
         request = dict(kwargs)
         labels = request.pop("labels", None)
-        k = int(self.config.model.get("num_classes", 0))
+        k = self.modality.num_classes(self.config)
         if isinstance(labels, str) and labels != "all":
             raise ValueError(f"labels must be class indices or 'all', got {labels!r}")
         if labels == "all" and not k:

@@ -19,6 +19,7 @@ method                        job
 ``training_batch(...)``       a batch -> ``(x0, space, cond)`` for the loss (label dropout here)
 ``space(config, n, ...)``     the Space of ``n`` items to sample (shapes, atom counts, ...)
 ``condition(config, ...)``    ``(cond, uncond)`` keyword tensors for conditional sampling / CFG
+``num_classes(config)``       the number of classes of a class-conditional model (0: none)
 ``decode(x, space, config)``  sampled tensors -> domain objects (images, molecules, waveforms)
 ``evaluate(objects, ...)``    quality figures as a dict
 ``save(objects, out, ...)``   files (and a picture on request); returns the paths written
@@ -75,6 +76,10 @@ class Modality:
     def condition(self, config, n: int, device: torch.device | str = "cpu", **request: Any) -> tuple[dict, dict] | None:
         """``(cond, uncond)`` for a conditional request (e.g. ``labels=[...]``), or ``None``."""
         return None
+
+    def num_classes(self, config) -> int:
+        """Classes of a class-conditional model (``labels="all"`` cycles through them); 0 if none."""
+        return 0
 
     def decode(self, x: Tensor, space, config) -> list:
         raise NotImplementedError

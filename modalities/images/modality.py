@@ -26,7 +26,10 @@ class ImagesModality(Modality):
     ``config.data``: ``{"name": "digits", "resize": None}`` (scikit-learn's 8x8 digits) or
     ``{"name": "folder", "root": ..., "size": 32, "channels": 3, "on_error": "raise"}``;
     ``image_shape`` and ``class_names`` are filled in from the data when training starts.
-    ``config.model``: a network config (``{"kind": "unet" | "dit", ...}``).
+    ``config.model``: ``{"kind": "unet" | "dit", "in_channels", "num_classes", "label_dropout",
+    "unet": {...}, "dit": {...}}`` — the shared fields at the top, each architecture's own under
+    its name, so ``--model.kind dit --model.dit.depth 6`` switches and tunes the backbone. A flat
+    dict (one architecture's fields next to ``kind``) is read as well.
     """
 
     name = "images"
@@ -35,9 +38,11 @@ class ImagesModality(Modality):
     # -- training ------------------------------------------------------------------------
     def default_config(self) -> TrainConfig:
         return TrainConfig(
-            model={"kind": "unet", "in_channels": 1, "base_channels": 32, "channel_mult": [1, 2],
-                   "num_res_blocks": 2, "num_classes": 10, "label_dropout": 0.1, "dropout": 0.0,
-                   "time_scale": 250.0},
+            model={"kind": "unet", "in_channels": 1, "num_classes": 10, "label_dropout": 0.1,
+                   "unet": {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 2, "dropout": 0.0,
+                            "time_scale": 250.0},
+                   "dit": {"image_size": 8, "patch_size": 2, "hidden_size": 96, "depth": 4, "num_heads": 4,
+                           "time_scale": 250.0}},
             process={"name": "edm", "options": {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.75},
                      "prediction": "edm", "sigma_data": 0.75},
             loss={"weighting": "edm", "time_sampling": "lognormal"},
@@ -48,8 +53,20 @@ class ImagesModality(Modality):
             run=RunConfig(out_dir="runs/digits", steps=6000, batch_size=128, ckpt_every=250, log_every=25),
         )
 
+    def network_config(self, config: TrainConfig) -> dict:
+        """The flat network config of the selected architecture."""
+        model = dict(config.model)
+        kind = model.get("kind", "unet")
+        if not isinstance(model.get(kind), dict):  # flat layout
+            return {k: v for k, v in model.items() if k not in ("unet", "dit")}
+        shared = {k: v for k, v in model.items() if not isinstance(v, dict)}
+        return {**shared, **model[kind]}
+
+    def num_classes(self, config: TrainConfig) -> int:
+        return int(config.model.get("num_classes", 0))
+
     def build_network(self, config: TrainConfig) -> nn.Module:
-        return build_network(dict(config.model))
+        return build_network(self.network_config(config))
 
     def dataset(self, config: TrainConfig, split: str = "train"):
         data = dict(config.data)
@@ -69,7 +86,7 @@ class ImagesModality(Modality):
             raise ValueError(f"the data gives images of shape {shape} but config.data.image_shape is {data['image_shape']}")
         config.data["image_shape"] = shape
         config.data["class_names"] = list(ds.class_names)
-        model_classes = int(config.model.get("num_classes", 0))
+        model_classes = self.num_classes(config)
         if model_classes and model_classes != ds.num_classes:
             raise ValueError(f"config.model.num_classes is {model_classes} but the data has {ds.num_classes} classes")
         return ds
@@ -90,7 +107,7 @@ class ImagesModality(Modality):
         return DenseSpace((n, *shape), device=device, dtype=dtype)
 
     def _labels(self, config: TrainConfig, n: int, labels, device) -> Tensor:
-        k = int(config.model.get("num_classes", 0))
+        k = self.num_classes(config)
         if not k:
             raise LabelError("this model is unconditional: it takes no labels")
         lab = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
@@ -108,7 +125,7 @@ class ImagesModality(Modality):
         if labels is None:
             return None
         lab = self._labels(config, n, labels, device)
-        null = torch.full_like(lab, int(config.model["num_classes"]))
+        null = torch.full_like(lab, self.num_classes(config))
         return {"labels": lab}, {"labels": null}
 
     def decode(self, x: Tensor, space, config: TrainConfig) -> list[Tensor]:
