@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..space import DenseSpace
 
-__all__ = ['_space', '_tweedie_gain', '_input_with_grad']
+__all__ = ["GuidedModel", '_space', '_tweedie_gain', '_input_with_grad']
 
 
 def _space(space, x: Tensor):
@@ -31,3 +31,13 @@ def _input_with_grad(x: Tensor) -> Tensor:
             "not torch.inference_mode()"
         )
     return x.detach().clone().requires_grad_(True)
+
+
+class GuidedModel:
+    """Base of the model wrappers: a wrapper samples on its inner model's process."""
+
+    model: object
+
+    @property
+    def process(self):
+        return self.model.process

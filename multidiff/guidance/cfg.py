@@ -7,12 +7,12 @@ import torch
 from torch import Tensor
 
 from ..space import ShapeError
-from ._util import _space
+from ._util import GuidedModel, _space
 
 __all__ = ['ClassifierFreeGuidance']
 
 
-class ClassifierFreeGuidance:
+class ClassifierFreeGuidance(GuidedModel):
     """Classifier-free guidance (Ho & Salimans 2021) on the data prediction.
 
     ``x0 = x0_c + w (x0_c - x0_u)`` with ``x0_c = model(x, t, space, **cond)`` and
@@ -64,10 +64,6 @@ class ClassifierFreeGuidance:
         self.uncond = dict(uncond)
         self.scale = float(scale)
         self.interval = interval
-
-    @property
-    def process(self):
-        return self.model.process
 
     def _inside(self, t: Tensor) -> Tensor:
         if self.interval is None:

@@ -7,12 +7,12 @@ import torch
 from torch import Tensor
 
 from ..space import ShapeError
-from ._util import _input_with_grad, _space, _tweedie_gain
+from ._util import GuidedModel, _input_with_grad, _space, _tweedie_gain
 
 __all__ = ['ClassifierGuidance', 'ReconstructionGuidance']
 
 
-class ClassifierGuidance:
+class ClassifierGuidance(GuidedModel):
     """Classifier guidance (Dhariwal & Nichol 2021, Alg. 1 in score form; Song et al. 2021b, eq. 14).
 
     ``score'(x_t) = score(x_t) + scale * grad_x log p(y | x_t)``, i.e.
@@ -31,10 +31,6 @@ class ClassifierGuidance:
         self.log_prob_fn = log_prob_fn
         self.scale = float(scale)
         self.pass_space = pass_space
-
-    @property
-    def process(self):
-        return self.model.process
 
     def __call__(self, x: Tensor, t: Tensor, space=None, **cond: Any) -> Tensor:
         space = _space(space, x)
@@ -62,7 +58,7 @@ def _per_item(v: Tensor, space, num_nodes: int) -> Tensor:
     )
 
 
-class ReconstructionGuidance:
+class ReconstructionGuidance(GuidedModel):
     """Diffusion posterior sampling (DPS; Chung et al. 2023, Alg. 1) for ``y = A(x0) + noise``.
 
     With the residual ``r(x_t) = y - A(x0_hat(x_t))`` (``x0_hat`` of the wrapped model,
@@ -93,10 +89,6 @@ class ReconstructionGuidance:
         self.scale = float(scale)
         self.normalize = normalize
         self.eps = eps
-
-    @property
-    def process(self):
-        return self.model.process
 
     def __call__(self, x: Tensor, t: Tensor, space=None, **cond: Any) -> Tensor:
         space = _space(space, x)

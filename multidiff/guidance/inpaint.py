@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..samplers.common import SamplerOutput, eps_from_x0, prepare
+from ..samplers.common import SamplerOutput, ancestral_step, prepare
 from ..space import GraphSpace, ShapeError
-from ._util import _space
+from ._util import GuidedModel, _space
 
 __all__ = ['Inpaint', 'InpaintDenoiser', 'sample_repaint', 'repaint_schedule']
 
@@ -92,7 +92,7 @@ class Inpaint:
         return InpaintDenoiser(model, self.mask, self.known)
 
 
-class InpaintDenoiser:
+class InpaintDenoiser(GuidedModel):
     """A data prediction with the known entries replaced: ``x0' = where(mask, known, x0_hat)``.
 
     Combined with :class:`Inpaint` it keeps deterministic solvers consistent on the known entries
@@ -103,10 +103,6 @@ class InpaintDenoiser:
     def __init__(self, model, mask: Tensor, known: Tensor):
         self.model = model
         self.mask, self.known = _check_mask(mask, known)
-
-    @property
-    def process(self):
-        return self.model.process
 
     def __call__(self, x: Tensor, t: Tensor, space=None, **cond: Any) -> Tensor:
         space = _space(space, x)
@@ -178,15 +174,9 @@ def sample_repaint(
     walk = repaint_schedule(len(tab) - 1, jump_length, resamplings)
     for j, (i, k) in enumerate(zip(walk[:-1], walk[1:])):
         if k == i + 1:  # down: ancestral step, then replacement (in hooks.after_step)
-            a_t, s_t, a_s, s_s = tab.alpha[i], tab.sigma[i], tab.alpha[k], tab.sigma[k]
             x0 = model_x0(x, tab.t[i], i)
-            if s_s == 0.0:
-                x = x0
-            else:
-                var_ts = max(s_t**2 - (a_t / a_s) ** 2 * s_s**2, 0.0)
-                post = var_ts * s_s**2 / s_t**2
-                mean = a_s * x0 + math.sqrt(max(s_s**2 - post, 0.0)) * eps_from_x0(x, x0, a_t, s_t)
-                x = mean + math.sqrt(post) * space.noise(generator).to(x.dtype)
+            noise = space.noise(generator).to(x.dtype) if tab.sigma[k] > 0 else None
+            x = ancestral_step(x, x0, tab.alpha[i], tab.sigma[i], tab.alpha[k], tab.sigma[k], noise)
             x = hooks.after_step(j, tab.t[k], x, x0)
         else:  # up: forward transition q(x_t | x_s) from index i (= s) to k (= t)
             a_s, s_s, a_t, s_t = tab.alpha[i], tab.sigma[i], tab.alpha[k], tab.sigma[k]

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..schedules import check_grid
 from ..space import DenseSpace
 
-__all__ = ["SamplerOutput", "NonFiniteError", "Evaluator", "GridTables", "prepare", "Hooks"]
+__all__ = ["SamplerOutput", "NonFiniteError", "Evaluator", "GridTables", "prepare", "Hooks", "ddim_step", "ancestral_step"]
 
 
 class SamplerOutput(NamedTuple):
@@ -149,3 +149,25 @@ def ddim_step(
             raise ValueError("a stochastic step needs noise")
         out = out + math.sqrt(c2) * noise
     return out
+
+
+def ancestral_step(
+    x: Tensor,
+    x0: Tensor,
+    a_t: float,
+    s_t: float,
+    a_s: float,
+    s_s: float,
+    noise: Tensor | None,
+    variance: str = "posterior",
+) -> Tensor:
+    """One DDPM ancestral step ``t -> s``: ``x_s ~ N(mu, v)`` with the posterior mean
+    ``mu = alpha_s x0 + sqrt(sigma_s^2 - beta~) eps_hat`` and ``v = beta~ = sigma_{t|s}^2 sigma_s^2 / sigma_t^2``
+    (``"posterior"``) or ``v = sigma_{t|s}^2`` (``"forward"``, DDPM's ``beta_t``); clean data
+    ``x0`` when ``sigma_s = 0``."""
+    if s_s == 0.0:
+        return x0
+    var_ts = max(s_t**2 - (a_t / a_s) ** 2 * s_s**2, 0.0)
+    post = var_ts * s_s**2 / s_t**2
+    mean = a_s * x0 + math.sqrt(max(s_s**2 - post, 0.0)) * eps_from_x0(x, x0, a_t, s_t)
+    return mean + math.sqrt(post if variance == "posterior" else var_ts) * noise

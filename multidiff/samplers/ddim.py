@@ -7,12 +7,11 @@ generalisation (``q(x_s | x_t, x0)`` for ``x = alpha x0 + sigma eps``).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
-from .common import SamplerOutput, ddim_step, eps_from_x0, prepare
+from .common import SamplerOutput, ancestral_step, ddim_step, prepare
 
 __all__ = ["sample_ddim", "sample_ancestral"]
 
@@ -65,16 +64,8 @@ def sample_ancestral(
         raise ValueError(f"variance must be 'posterior' or 'forward', got {variance!r}")
     space, ts, tab, model_x0, hooks = prepare(model, x, ts, space, callback, constrain, check_finite)
     for i in range(len(tab) - 1):
-        a_t, s_t, a_s, s_s = tab.alpha[i], tab.sigma[i], tab.alpha[i + 1], tab.sigma[i + 1]
         x0 = model_x0(x, tab.t[i], i)
-        if s_s == 0.0:
-            x = x0
-        else:
-            var_ts = max(s_t**2 - (a_t / a_s) ** 2 * s_s**2, 0.0)
-            post = var_ts * s_s**2 / s_t**2
-            # posterior mean = alpha_s x0 + sqrt(sigma_s^2 - post) eps_hat
-            mean = a_s * x0 + math.sqrt(max(s_s**2 - post, 0.0)) * eps_from_x0(x, x0, a_t, s_t)
-            std = math.sqrt(post if variance == "posterior" else var_ts)
-            x = mean + std * space.noise(generator).to(x.dtype)
+        noise = space.noise(generator).to(x.dtype) if tab.sigma[i + 1] > 0 else None
+        x = ancestral_step(x, x0, tab.alpha[i], tab.sigma[i], tab.alpha[i + 1], tab.sigma[i + 1], noise, variance)
         x = hooks.after_step(i, tab.t[i + 1], x, x0)
     return SamplerOutput(x, model_x0.nfe)
