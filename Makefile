@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # CUDA build of the same release on machines with one.
 TORCH_VERSION ?= 2.13.0
 # extras installed for the tests; modalities add theirs here (never `data`, which downloads)
-EXTRAS ?= dev,images
+EXTRAS ?= dev,images,molecules
 EMPTY :=
 SPACE := $(EMPTY) $(EMPTY)
 COMMA := ,

@@ -245,7 +245,7 @@ class DiffusionPipeline:
         for lo in starts:
             hi = min(n, lo + batch_size)
             req = {k: _chunk(v, lo, hi, n) for k, v in request.items()}
-            space = self.modality.space(self.config, hi - lo, self.device, dtype, **req)
+            space = self.modality.space(self.config, hi - lo, self.device, dtype, generator=generator, **req)
             model = self.model_for(hi - lo, guidance, guidance_interval, **req)
             if wrap is not None:
                 model = wrap(model, space)

@@ -70,7 +70,9 @@ class Modality:
         raise NotImplementedError
 
     # -- sampling ------------------------------------------------------------------------
-    def space(self, config, n: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **request: Any):
+    def space(self, config, n: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              generator: torch.Generator | None = None, **request: Any):
+        """The Space of ``n`` items to sample; random structure (atom counts) from ``generator``."""
         raise NotImplementedError
 
     def condition(self, config, n: int, device: torch.device | str = "cpu", **request: Any) -> tuple[dict, dict] | None:

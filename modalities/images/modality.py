@@ -100,7 +100,8 @@ class ImagesModality(Modality):
         return images, DenseSpace.like(images), cond
 
     # -- sampling ------------------------------------------------------------------------
-    def space(self, config: TrainConfig, n: int, device="cpu", dtype=torch.float32, **request: Any) -> DenseSpace:
+    def space(self, config: TrainConfig, n: int, device="cpu", dtype=torch.float32, generator=None,
+              **request: Any) -> DenseSpace:
         shape = config.data.get("image_shape")
         if not shape:
             raise ValueError("config.data.image_shape is missing: the checkpoint does not say what size to sample")
