@@ -33,6 +33,17 @@ from .io import (
     write_sdf,
     write_xyz,
 )
+from .metrics import (
+    check_stability,
+    check_validity,
+    evaluate_molecules,
+    novelty,
+    stability,
+    uniqueness,
+    validity,
+)
+from .modality import MoleculesModality
+from .networks import build_network
 from .qm9 import (
     HARTREE_TO_MEV,
     PROPERTY_NAMES,
@@ -64,6 +75,15 @@ from .vocab import (
 )
 
 __all__ = [
+    "MoleculesModality",
+    "build_network",
+    "check_stability",
+    "check_validity",
+    "evaluate_molecules",
+    "novelty",
+    "stability",
+    "uniqueness",
+    "validity",
     "ATOMIC_NUMBERS",
     "ATOM_SYMBOLS",
     "BOND_METHODS",

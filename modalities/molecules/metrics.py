@@ -232,7 +232,9 @@ def _validity_of(mol: _Molecule) -> ValidityCheck:
         Chem.SanitizeMol(rd)
     except ValueError as exc:  # MolSanitizeException (valence, kekulization, ...) is a ValueError
         return ValidityCheck(None, str(exc).strip() or type(exc).__name__)
-    try:  # EDM re-sanitizes the fragments and keeps the first largest one
+    # EDM re-sanitizes the fragments and keeps the first largest one. (Should a fragment fail
+    # where the whole passed, EDM would count a valid molecule with SMILES None; here it is invalid.)
+    try:
         fragments = Chem.GetMolFrags(rd, asMols=True)
     except ValueError as exc:
         return ValidityCheck(None, f"a fragment failed sanitization: {str(exc).strip()}")
@@ -242,7 +244,9 @@ def _validity_of(mol: _Molecule) -> ValidityCheck:
 
 def check_validity(positions, types) -> ValidityCheck:
     """EDM's RDKit validity of one molecule (``positions`` [n, 3] Å, ``types`` [n])."""
-    return _validity_of(_prepare([(positions, types)])[0])
+    prepared = _prepare([(positions, types)])[0]
+    with _quiet_rdkit():
+        return _validity_of(prepared)
 
 
 def validity(mols: Iterable[Any]) -> list[ValidityCheck]:

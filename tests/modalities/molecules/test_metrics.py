@@ -9,9 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from rdkit import Chem
-from rdkit.Chem import AllChem
-
 from multidiff.modalities.molecules.bonds import (
     ALLOWED_VALENCE,
     BOND_LENGTH_DOUBLE_PM,
@@ -36,7 +33,14 @@ from multidiff.modalities.molecules.metrics import (
     uniqueness,
     validity,
 )
-from multidiff.modalities.molecules.vocab import ATOM_SYMBOLS, MoleculeDataError, MoleculeRecord, UnknownElementError
+from multidiff.modalities.molecules.vocab import (
+    ATOM_SYMBOLS,
+    MoleculeDataError,
+    MoleculeRecord,
+    UnknownElementError,
+)
+from rdkit import Chem
+from rdkit.Chem import AllChem
 
 EPS = 1e-4  # Å: a step either side of a threshold, far above float round-off of 100 * d
 
@@ -349,9 +353,10 @@ def test_evaluate_with_a_reference_reports_wasserstein():
 # ------------------------------------------------------------------------------ QM9 fixture
 def test_qm9_fixture_reproduces_edms_data_figures():
     """EDM (Table 1/2, "Data"): atom 99.0 %, molecule 95.2 %, validity 97.7 %. Measured with these
-    metrics: whole QM9 99.36 / 95.28 / 97.68 % (benchmarks/molecules_data_metrics.py), the 300-molecule
-    fixture 99.59 / 97.00 / 98.67 %. With 300 molecules the binomial standard error of molecule
-    stability is ~1.2 points, so the bands are EDM's figure +- ~3 standard errors."""
+    metrics: whole QM9 99.36 / 95.28 / 97.68 % (benchmarks/molecules_data_metrics.py), the committed
+    300-molecule fixture (5,357 atoms) 99.40 / 95.67 / 98.00 %. With 300 molecules the binomial
+    standard error of molecule stability is ~1.2 points, so its band is EDM's 95.2 +- 3 standard
+    errors; atom stability must lie within 98.5..99.8 (EDM 99.0, whole QM9 99.36)."""
     from multidiff.modalities.molecules.data import load_fixture
 
     qm9 = load_fixture()
@@ -359,7 +364,7 @@ def test_qm9_fixture_reproduces_edms_data_figures():
     out = evaluate_molecules(mols, training_smiles=reference_smiles(mols), reference=mols)
     assert out["num_molecules"] == 300 and out["num_atoms"] == int(qm9.num_atoms.sum())
     assert 0.985 <= out["atom_stability"] <= 0.998
-    assert 0.915 <= out["molecule_stability"] <= 0.99
+    assert 0.916 <= out["molecule_stability"] <= 0.988
     assert 0.95 <= out["validity"] <= 1.0
     assert out["uniqueness"] >= 0.99
     assert out["novelty"] == 0.0  # every valid molecule is in its own reference set
