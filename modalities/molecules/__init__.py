@@ -43,6 +43,7 @@ from .metrics import (
     validity,
 )
 from .modality import MoleculesModality
+from .pipeline import MoleculeDiffusion
 from .networks import build_network
 from .qm9 import (
     HARTREE_TO_MEV,
@@ -75,6 +76,7 @@ from .vocab import (
 )
 
 __all__ = [
+    "MoleculeDiffusion",
     "MoleculesModality",
     "build_network",
     "check_stability",

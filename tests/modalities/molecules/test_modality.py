@@ -58,3 +58,14 @@ def test_metrics_and_files(run_dir, tmp_path):
     paths = pipe.save(mols, tmp_path / "out", picture=True)
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
     assert (tmp_path / "out" / "molecules.sdf").read_text().count("$$$$") == 6
+
+
+def test_molecule_diffusion_api(run_dir, tmp_path):
+    from multidiff.modalities.molecules import MoleculeDiffusion
+
+    model = MoleculeDiffusion.load(run_dir)
+    mols = model.generate(4, nfe=4, n_atoms=6, generator=torch.Generator().manual_seed(0))
+    assert len(mols) == 4 and all(m.GetNumAtoms() == 6 for m in mols)
+    path = model.write_sdf(mols, tmp_path / "out.sdf")
+    assert path.read_text().count("$$$$") == 4
+    assert set(model.evaluate(mols)) >= {"atom_stability", "molecule_stability", "validity"}
