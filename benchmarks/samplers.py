@@ -70,7 +70,8 @@ KNOWN_STOCHASTIC = {"ancestral", "edm_stochastic", "dpmpp_2m_sde", "euler_maruya
 #: option variants worth a row, applied only if the solver takes that keyword
 OUR_VARIANTS: dict[str, list[dict]] = {
     "unipc": [dict(order=o, variant=v) for o in (2, 3) for v in ("bh1", "bh2")],
-    "deis": [dict(order=2), dict(order=3)],
+    "deis": [dict(order=2), dict(order=3), dict(order=4, variable="t"), dict(order=3, variable="t", corrector=True),
+             dict(order=4, variable="t", corrector=True)],
     "ipndm": [dict(max_order=3), dict(max_order=4)],
 }
 RK45_TOLERANCES = (1e-2, 1e-3, 1e-4)
@@ -325,12 +326,9 @@ def default_solver() -> tuple[str, str] | None:
     solver = inspect.signature(sample).parameters["solver"].default
     if solver not in SOLVERS:
         return None
-    try:
-        from multidiff.sampling import DEFAULT_GRID
-    except ImportError:
-        DEFAULT_GRID = {}
-    # the fallback mirrors multidiff.sample: DEFAULT_GRID.get(solver, "karras")
-    return solver, DEFAULT_GRID.get(solver, "karras")
+    from multidiff.sampling import default_grid
+
+    return solver, default_grid(solver, DiscreteVP.from_schedule("linear", T_TRAIN))
 
 
 def is_stochastic(name: str, opts: dict, model: ProtocolModel, x_T: Tensor) -> bool:
@@ -553,7 +551,7 @@ OVERHEAD_PAIRS = [
     ("dpmpp_3m", {}, "DPMSolverMultistep 3M", "linspace"),
     ("unipc", {}, "UniPC(order=2, bh2)", "linspace"),
     ("deis", {}, "DEIS(order=3)", "linspace"),
-    ("ipndm", {}, "IPNDM", "linspace"),
+    ("ipndm", dict(max_order=4), "IPNDM", "linspace"),  # diffusers' IPNDM keeps 4 derivatives
 ]
 
 

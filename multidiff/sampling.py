@@ -18,14 +18,39 @@ from .samplers import SamplerOutput, get_solver
 from .schedules import GridError, from_sigmas, make_grid
 from .space import DenseSpace
 
-__all__ = ["sample", "sample_edm", "steps_for_nfe", "PlainDenoiser", "DEFAULT_GRID"]
+__all__ = ["sample", "sample_edm", "steps_for_nfe", "PlainDenoiser", "DEFAULT_GRID", "DEFAULT_SOLVER", "default_grid"]
 
 #: network evaluations per step, for solvers that spend more than one (the step into
 #: ``sigma = 0`` of the Heun family costs one evaluation instead of two).
 _EVALS_PER_STEP = {"heun": 2, "edm_stochastic": 2}
 
-#: the time grid each solver uses unless told otherwise (see benchmarks/README.md)
-DEFAULT_GRID: dict[str, str] = {}
+#: the solver :func:`sample` uses unless told otherwise: iPNDM (3 stored derivatives) on the
+#: quadratic grid had the best score over NFE 5-20 on both benchmark targets (benchmarks/README.md)
+DEFAULT_SOLVER = "ipndm"
+
+#: the time grid each solver uses unless told otherwise on a process that lives on t in [0, 1]
+#: (VP, discrete DDPM, sub-VP, VE, flow): each solver's best grid on the sampler benchmark
+#: (DDPM's discrete linear table; benchmarks/README.md, "Choosing the defaults"). On the EDM
+#: process (t = sigma, as with EDM preconditioning and :func:`sample_edm`) every solver defaults
+#: to Karras et al.'s rho = 7 grid instead, the one EDM models are trained and tuned for; see
+#: :func:`default_grid`. Solvers not listed fall back to "karras".
+DEFAULT_GRID: dict[str, str] = {
+    "ddim": "quadratic",
+    "euler": "quadratic",
+    "heun": "trailing",
+    "dpmpp_2m": "quadratic",
+    "dpmpp_3m": "quadratic",
+    "unipc": "quadratic",
+    "ipndm": "quadratic",
+    "deis": "log_snr",
+}
+
+
+def default_grid(solver: str, process: Process) -> str:
+    """The grid :func:`sample` uses for ``solver`` on ``process`` (see :data:`DEFAULT_GRID`)."""
+    if isinstance(process, EDM):
+        return "karras"
+    return DEFAULT_GRID.get(solver, "karras")
 
 
 def steps_for_nfe(solver: str, nfe: int, **options: Any) -> int:
@@ -50,7 +75,7 @@ def steps_for_nfe(solver: str, nfe: int, **options: Any) -> int:
 def sample(
     model,
     space,
-    solver: str = "dpmpp_2m",
+    solver: str = DEFAULT_SOLVER,
     nfe: int = 20,
     grid: str | Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -59,8 +84,8 @@ def sample(
 ) -> SamplerOutput:
     """Sample from ``model`` on ``space`` with a named ``solver`` in at most ``nfe`` evaluations.
 
-    ``grid`` is a grid name (``"uniform"``, ``"log_snr"``, ``"karras"``, ``"quadratic"``) or an
-    explicit grid tensor; by default the solver's own default grid. ``x_T`` defaults to a
+    ``grid`` is a grid name (see :data:`multidiff.schedules.GRIDS`) or an explicit grid tensor;
+    by default the solver's default grid on this process (:func:`default_grid`). ``x_T`` defaults to a
     draw from the process prior. For ``solver="rk45"`` the budget is set by ``rtol``/``atol``
     in ``options`` and ``nfe`` is ignored.
     """
@@ -69,7 +94,7 @@ def sample(
     if isinstance(grid, Tensor):
         ts = grid
     else:
-        name = grid or DEFAULT_GRID.get(solver, "karras")
+        name = grid or default_grid(solver, process)
         if solver == "rk45":  # adaptive: one interval [t_max, t_min], then the denoising step
             ts = make_grid("uniform", process, 2)
         else:

@@ -18,6 +18,7 @@ from .process import Process
 
 __all__ = [
     "uniform_t",
+    "trailing",
     "uniform_log_snr",
     "karras",
     "quadratic",
@@ -72,6 +73,25 @@ def uniform_t(process: Process, steps: int, t_max: float | None = None, t_min: f
     if n == 1:
         return _finish(torch.tensor([t_max], dtype=torch.float64), process)
     return _finish(torch.linspace(t_max, t_min, n, dtype=torch.float64), process)
+
+
+def trailing(process: Process, steps: int, t_max: float | None = None) -> Tensor:
+    """Equal steps in process time that end at ``t_max / steps`` instead of ``t_min``:
+    ``t_i = t_max (1 - i / n)``, ``i = 0 .. n-1``, then the denoising step into ``t = 0``.
+
+    This is the "trailing" timestep spacing of Lin et al. 2024 ("Common Diffusion Noise
+    Schedules and Sample Steps Are Flawed", Table 2; diffusers' ``timestep_spacing="trailing"``):
+    on DDPM's table (``t = (k + 1) / T``) it visits exactly the timesteps ``999, 999 - T/n, ...``.
+    The last positive point moves up with fewer steps, so the final step into clean data is as
+    long as the others; a solver whose final step is high order in ``sigma / alpha`` (iPNDM,
+    DEIS in ``rho`` or ``t``) takes it in its stride, while one that denoises there
+    (first-order final step) pays ``O(sigma_last^2)``. Meant for processes on ``[0, 1]``."""
+    n = _steps(steps)
+    t_max = process.t_max if t_max is None else float(t_max)
+    if not 0 < t_max <= process.t_max * (1 + 1e-12):
+        raise GridError(f"need 0 < t_max <= {process.t_max}, got t_max={t_max}")
+    ts = t_max * (1.0 - torch.arange(n, dtype=torch.float64) / n)
+    return _finish(ts, process)
 
 
 def uniform_log_snr(process: Process, steps: int, t_max: float | None = None, t_min: float | None = None) -> Tensor:
@@ -152,6 +172,7 @@ def from_betas(process: Process, betas: Sequence[float] | Tensor) -> Tensor:
 
 GRIDS: dict[str, Callable[..., Tensor]] = {
     "uniform": uniform_t,
+    "trailing": trailing,
     "log_snr": uniform_log_snr,
     "karras": karras,
     "quadratic": quadratic,

@@ -172,6 +172,10 @@ ORDER_CASES = {
     "deis_3": (sample_deis, {"order": 3}, [10, 20, 40, 80], 2.7),  # 3.34
     # in rho the asymptotic regime starts later: the top of the grid spans rho in [0.6, 150]
     "deis_3_rho": (sample_deis, {"order": 3, "variable": "rho"}, [80, 160, 320], 2.7),  # 2.88
+    # tAB (interpolation in t, weights by quadrature) and the Adams-Moulton corrector (order + 1)
+    "deis_4_t": (sample_deis, {"order": 4, "variable": "t"}, [20, 40, 80, 160], 3.3),
+    "deis_3_t_corrector": (sample_deis, {"order": 3, "variable": "t", "corrector": True}, [10, 20, 40, 80], 3.5),
+    "deis_4_t_corrector": (sample_deis, {"order": 4, "variable": "t", "corrector": True}, [20, 40, 80, 160], 4.2),
     # pseudo linear multistep: fixed equal-step weights give order 2 on a non-uniform grid
     "ipndm_2": (sample_ipndm, {"max_order": 2}, [10, 20, 40, 80], 1.7),
     "ipndm_4": (sample_ipndm, {"max_order": 4}, [10, 20, 40, 80], 1.7),
@@ -200,6 +204,22 @@ def test_ipndm_equals_deis_on_a_grid_uniform_in_sigma_over_alpha():
         a = sample_ipndm(model, x, ts, max_order=k).x
         b = sample_deis(model, x, ts, order=k, variable="rho").x
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_deis_in_t_equals_deis_in_rho_where_t_is_rho():
+    """On the EDM process t = sigma / alpha = rho, so tAB and rhoAB interpolate the same polynomial:
+    the quadrature weights of the t form must reproduce the closed-form ones (to 1e-9), with and
+    without the corrector."""
+    mix = GaussianMixture.random(dim=2, components=4, seed=1, scale=1.0, spread=1.5)
+    proc = md.EDM()
+    model = mix.denoiser(proc)
+    x = 80.0 * torch.randn(50, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ts = md.make_grid("karras", proc, 12)
+    for k in (2, 3, 4):
+        for corr in (False, True):
+            a = sample_deis(model, x, ts, order=k, variable="t", corrector=corr).x
+            b = sample_deis(model, x, ts, order=k, variable="rho", corrector=corr).x
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,8 +381,8 @@ def test_sde_variant_same_seed_same_samples(wide_ring):
     [
         (sample_unipc, {"order": 4}, "1, 2 or 3"),
         (sample_unipc, {"variant": "bh3"}, "bh1, bh2"),
-        (sample_deis, {"order": 0}, "1, 2 or 3"),
-        (sample_deis, {"variable": "t"}, "rho, log_rho"),
+        (sample_deis, {"order": 0}, r"\[1, 2, 3, 4\]"),
+        (sample_deis, {"variable": "x"}, "rho, log_rho, t"),
         (sample_ipndm, {"max_order": 5}, r"\[1, 2, 3, 4\]"),
         (sample_dpmpp_2m, {"solver_type": "rk"}, "midpoint, heun"),
         (sample_dpmpp_2m_sde, {"eta": -1.0}, "eta must be >= 0"),

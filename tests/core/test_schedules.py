@@ -25,8 +25,20 @@ def test_grid_shape_and_ends(pname, grid, steps):
     assert float(ts[0]) == process.t_max
     assert float(ts[-1]) == 0.0
     assert bool((ts[1:] < ts[:-1]).all())
-    if steps > 1:  # the last positive point is the process's smallest time
+    if steps > 1 and grid != "trailing":  # the last positive point is the process's smallest time
         assert math.isclose(float(ts[-2]), process.t_min, rel_tol=1e-8)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 20, 1000])
+def test_trailing_grid_visits_diffusers_trailing_timesteps(steps):
+    """Lin et al. 2024's trailing spacing: t_i = 1 - i/n, i.e. DDPM timesteps k = 999, 999 - 1000/n, ...
+    (t = (k + 1) / 1000) down to 1000/n - 1, then t = 0; at n = T it is the whole table."""
+    proc = DiscreteVP.from_schedule("linear", 1000)
+    ts = make_grid("trailing", proc, steps)
+    k = proc.step_of(ts[:-1])
+    expected = torch.arange(999, -1, -1000 / steps, dtype=F64)[:steps]  # np.round(arange(T, 0, -T/n)) - 1
+    torch.testing.assert_close(k, expected.round(), rtol=0, atol=1e-9)
+    assert float(ts[-2]) == pytest.approx(1.0 / steps, rel=1e-12) and float(ts[-1]) == 0.0
 
 
 @pytest.mark.parametrize("steps", [2, 5, 18, 40])
