@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from multidiff.networks import build_from_config
+
 from .base import ConfigError, ImageNetwork, config_from_dict
 from .dit import DiT, DiTConfig, sincos_2d
 from .embeddings import TIME_EMBEDDINGS, LabelError, TimeFeatures, drop_labels
@@ -35,7 +37,4 @@ NETWORKS: dict[str, type[ImageNetwork]] = {"unet": UNet, "dit": DiT}
 
 def build_network(config: dict[str, Any]) -> ImageNetwork:
     """Rebuild a network from ``net.config_dict()`` (``{"kind": "unet" | "dit", ...}``)."""
-    kind = config.get("kind") if isinstance(config, dict) else None
-    if kind not in NETWORKS:
-        raise ConfigError(f"unknown image network kind {kind!r}; valid: {', '.join(NETWORKS)}")
-    return NETWORKS[kind].from_config(config)
+    return build_from_config(NETWORKS, config, "image network")

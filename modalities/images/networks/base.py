@@ -21,39 +21,18 @@ with :func:`build_network` (``{"kind": "unet" | "dit", ...}``).
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from multidiff.networks import ConfigError, ConfigurableNetwork, config_from_dict
+from torch import Tensor
 
 from .embeddings import check_labels, drop_labels
 
 __all__ = ["ConfigError", "ImageNetwork", "config_from_dict"]
 
 
-class ConfigError(ValueError):
-    """A network config with an unknown key or an invalid value."""
-
-
-def config_from_dict(cls: type, data: dict[str, Any], kind: str | None = None) -> Any:
-    """Build the dataclass ``cls`` from a (JSON-decoded) dict: unknown keys are an error, lists
-    become tuples, and a ``"kind"`` entry must equal ``kind``."""
-    data = dict(data)
-    given = data.pop("kind", None)
-    if given is not None and kind is not None and given != kind:
-        raise ConfigError(f"this is a {given!r} config, not a {kind!r} one")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; valid: {', '.join(sorted(names))}")
-    for name, value in data.items():
-        if isinstance(value, list):
-            data[name] = tuple(value)
-    return cls(**data)
-
-
-class ImageNetwork(nn.Module):
+class ImageNetwork(ConfigurableNetwork):
     """Base class: config handling, the label contract and classifier-free-guidance dropout."""
 
     kind: ClassVar[str]
@@ -65,23 +44,6 @@ class ImageNetwork(nn.Module):
         self.num_classes = int(config.num_classes)
 
     # -- configs -----------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, config: dict[str, Any] | Any) -> ImageNetwork:
-        """Rebuild from a config dataclass or its dict (as stored in a checkpoint)."""
-        if isinstance(config, dict):
-            config = config_from_dict(cls.config_class, config, cls.kind)
-        if not isinstance(config, cls.config_class):
-            raise ConfigError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(config).__name__}")
-        return cls(config)
-
-    def config_dict(self) -> dict[str, Any]:
-        """JSON-ready description of the architecture, ``{"kind": ..., <config fields>}``."""
-        d = dataclasses.asdict(self.config)
-        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     # -- labels ------------------------------------------------------------------------
     @property
     def null_label(self) -> int:

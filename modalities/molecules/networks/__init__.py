@@ -13,9 +13,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ConfigError, MoleculeNetwork, PropertyError, config_from_dict, drop_properties, null_properties
+from multidiff.networks import build_from_config
+
+from .base import (
+    ConfigError,
+    MoleculeNetwork,
+    PropertyError,
+    config_from_dict,
+    drop_properties,
+    null_properties,
+)
 from .egnn import EGNN, EGNNConfig
-from .graph import GraphError, fully_connected_edges, radius_edges, remove_mean, scatter_sum
+from .graph import (
+    GraphError,
+    fully_connected_edges,
+    radius_edges,
+    remove_mean,
+    scatter_sum,
+)
 from .se3 import TensorFieldConfig, TensorFieldNetwork
 
 __all__ = [
@@ -43,7 +58,4 @@ NETWORKS: dict[str, type[MoleculeNetwork]] = {"egnn": EGNN, "tfn": TensorFieldNe
 
 def build_network(config: dict[str, Any]) -> MoleculeNetwork:
     """Rebuild a network from ``net.config_dict()`` (``{"kind": "egnn" | "tfn", ...}``)."""
-    kind = config.get("kind") if isinstance(config, dict) else None
-    if kind not in NETWORKS:
-        raise ConfigError(f"unknown molecule network kind {kind!r}; valid: {', '.join(NETWORKS)}")
-    return NETWORKS[kind].from_config(config)
+    return build_from_config(NETWORKS, config, "molecule network")

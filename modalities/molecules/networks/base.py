@@ -27,10 +27,10 @@ with an explicit generator, so the forward pass stays a pure function of its inp
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import torch
+from multidiff.networks import ConfigError, ConfigurableNetwork, config_from_dict
 from torch import Tensor, nn
 
 from .graph import check_batch, remove_mean
@@ -47,26 +47,8 @@ __all__ = [
 POSITION_DIMS = 3
 
 
-class ConfigError(ValueError):
-    """A network config with an unknown key or an invalid value."""
-
-
 class PropertyError(ValueError):
     """Properties that do not fit the network (shape, partial NaN, given to an unconditional net)."""
-
-
-def config_from_dict(cls: type, data: dict[str, Any], kind: str | None = None) -> Any:
-    """Build the dataclass ``cls`` from a (JSON-decoded) dict: unknown keys are an error, lists
-    become tuples, and a ``"kind"`` entry must equal ``kind``."""
-    data = dict(data)
-    given = data.pop("kind", None)
-    if given is not None and kind is not None and given != kind:
-        raise ConfigError(f"this is a {given!r} config, not a {kind!r} one")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; valid: {', '.join(sorted(names))}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def null_properties(num_items: int, num_properties: int, device=None, dtype=torch.float32) -> Tensor:
@@ -105,7 +87,7 @@ def check_common_config(config: Any) -> None:
         raise ConfigError(f"{type(config).__name__}.radius must be positive or None (fully connected), got {config.radius}")
 
 
-class MoleculeNetwork(nn.Module):
+class MoleculeNetwork(ConfigurableNetwork):
     """Base class: configs, the input contract, property conditioning and the output layout."""
 
     kind: ClassVar[str]
@@ -124,23 +106,6 @@ class MoleculeNetwork(nn.Module):
             self.null_vector = nn.Parameter(torch.zeros(self.num_properties))
 
     # -- configs -----------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, config: dict[str, Any] | Any) -> MoleculeNetwork:
-        """Rebuild from a config dataclass or its dict (as stored in a checkpoint)."""
-        if isinstance(config, dict):
-            config = config_from_dict(cls.config_class, config, cls.kind)
-        if not isinstance(config, cls.config_class):
-            raise ConfigError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(config).__name__}")
-        return cls(config)
-
-    def config_dict(self) -> dict[str, Any]:
-        """JSON-ready description of the architecture, ``{"kind": ..., <config fields>}``."""
-        d = dataclasses.asdict(self.config)
-        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     # -- properties --------------------------------------------------------------------
     @property
     def property_dropout(self) -> float:
