@@ -33,7 +33,7 @@ import torch
 from multidiff.networks import ConfigError, ConfigurableNetwork, config_from_dict
 from torch import Tensor, nn
 
-from .graph import check_batch, remove_mean
+from .graph import check_batch, fully_connected_edges, radius_edges, remove_mean
 
 __all__ = [
     "ConfigError",
@@ -106,6 +106,12 @@ class MoleculeNetwork(ConfigurableNetwork):
             self.null_vector = nn.Parameter(torch.zeros(self.num_properties))
 
     # -- configs -----------------------------------------------------------------------
+    def edges(self, pos: Tensor, batch: Tensor) -> Tensor:
+        """The graph the network uses for these positions: all pairs, or the radius graph."""
+        if self.config.radius is None:
+            return fully_connected_edges(batch)
+        return radius_edges(pos, batch, self.config.radius)
+
     # -- properties --------------------------------------------------------------------
     @property
     def property_dropout(self) -> float:

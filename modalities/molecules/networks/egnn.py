@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .base import ConfigError, MoleculeNetwork, check_common_config, check_config_ints
 from .embeddings import DistanceSinusoids, cosine_cutoff
-from .graph import fully_connected_edges, radius_edges, scatter_sum
+from .graph import scatter_sum
 
 __all__ = ["EGNN", "EGNNConfig"]
 
@@ -182,12 +182,6 @@ class EGNN(MoleculeNetwork):
         self.embedding = nn.Linear(self.num_scalar_in, c.hidden)
         self.blocks = nn.ModuleList(EquivariantBlock(c, edge_dim, self.sinusoids) for _ in range(c.num_layers))
         self.embedding_out = nn.Linear(c.hidden, self.num_scalar_out) if self.num_scalar_out else None
-
-    def edges(self, pos: Tensor, batch: Tensor) -> Tensor:
-        """The graph the network uses for these positions: all pairs, or the radius graph."""
-        if self.config.radius is None:
-            return fully_connected_edges(batch)
-        return radius_edges(pos, batch, self.config.radius)
 
     def forward(self, x: Tensor, t: Tensor | float, batch: Tensor | None = None, properties: Tensor | None = None) -> Tensor:
         pos, scalars, batch, num_items = self._inputs(x, t, batch, properties)

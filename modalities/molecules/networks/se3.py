@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .base import POSITION_DIMS, ConfigError, MoleculeNetwork, check_common_config, check_config_ints
 from .embeddings import GaussianBasis, cosine_cutoff
-from .graph import fully_connected_edges, radius_edges, scatter_sum
+from .graph import scatter_sum
 
 __all__ = ["TensorFieldNetwork", "TensorFieldConfig"]
 
@@ -195,12 +195,6 @@ class TensorFieldNetwork(MoleculeNetwork):
         out = o3.Irreps("1x1o") if not self.num_scalar_out else o3.Irreps(f"{self.num_scalar_out}x0e + 1x1o")
         self.norm_out = IrrepsRMSNorm(self.irreps_hidden)
         self.readout = o3.Linear(self.irreps_hidden, out, biases=True)
-
-    def edges(self, pos: Tensor, batch: Tensor) -> Tensor:
-        """The graph the network uses for these positions: all pairs, or the radius graph."""
-        if self.config.radius is None:
-            return fully_connected_edges(batch)
-        return radius_edges(pos, batch, self.config.radius)
 
     def forward(self, x: Tensor, t: Tensor | float, batch: Tensor | None = None, properties: Tensor | None = None) -> Tensor:
         pos, scalars, batch, num_items = self._inputs(x, t, batch, properties)
