@@ -244,7 +244,9 @@ class VP(Process):
         p_ = precision
 
         def log_alpha_bar(t: Tensor) -> Tensor:
-            return torch.log((1 - 2 * p_) * (1 - t**power) ** 2 + p_)
+            # t = 0 is the data itself (alpha = 1, sigma = 0), as for every process; the precision
+            # floor p of EDM's table applies for t > 0
+            return torch.where(t > 0, torch.log((1 - 2 * p_) * (1 - t**power) ** 2 + p_), torch.zeros_like(t))
 
         def t_from_alpha_bar(ab: Tensor) -> Tensor:
             inner = torch.clamp((ab - p_) / (1 - 2 * p_), 0.0, 1.0)

@@ -234,8 +234,11 @@ def test_polynomial_2_matches_edm_molecules(steps):
     n = torch.arange(steps + 1, dtype=F64)
     cont = VP.polynomial().alpha(n / steps) ** 2
     unclipped = (1 - 2e-5) * (1 - (n / steps) ** 2) ** 2 + 1e-5
-    assert torch.allclose(cont, unclipped, rtol=1e-12)
+    # t = 0 is the data itself (alpha = 1, sigma = 0) for every process; EDM's floor acts for t > 0
+    assert float(cont[0]) == 1.0 and float(VP.polynomial().sigma(torch.zeros((), dtype=F64))) == 0.0
+    assert torch.allclose(cont[1:], unclipped[1:], rtol=1e-12)
     free = (ref - unclipped).abs() < 1e-12  # steps where EDM's clip did not act
+    free[0] = False
     assert int(free.sum()) > 0.99 * steps
     torch.testing.assert_close(cont[free], ref[free], rtol=1e-10, atol=0)
 
@@ -252,3 +255,14 @@ def test_prior_sample_and_log_prob():
         lp = process.prior_log_prob(x, space)
         ref = -0.5 * 8 * math.log(2 * math.pi * var) - 0.5 * (x**2).sum(1) / var
         torch.testing.assert_close(lp, ref, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("multidiff").process.PROCESSES))
+def test_time_zero_is_the_data_for_every_process(name):
+    """Grids end at t = 0 and samplers denoise into it: every process must have alpha(0) = 1 and
+    sigma(0) = 0 exactly there (EDM-molecules' precision floor and VE's sigma_min act for t > 0)."""
+    from multidiff.process import make_process
+
+    p = make_process(name)
+    zero = torch.zeros((), dtype=F64)
+    assert float(p.alpha(zero)) == 1.0 and float(p.sigma(zero)) == 0.0
