@@ -60,6 +60,22 @@ def reverse_diffusion_step(x: Tensor, score: Tensor, a_t: float, s_t: float, a_s
     return (2.0 - r) * x + g2 * score + math.sqrt(g2) * noise
 
 
+def _predictor_step(x: Tensor, x0: Tensor, tab, i: int, f: float, g2: float, noise: Tensor | None,
+                    predictor: str) -> Tensor:
+    """One reverse-SDE step ``t_i -> t_{i+1}`` shared by Euler–Maruyama and the PC predictor: the
+    denoising step into ``sigma = 0``; the posterior (DDPM) step where the SDE is singular
+    (``alpha = 0``); otherwise the reverse-diffusion or Euler–Maruyama update."""
+    a_t, s_t, a_s, s_s = tab.alpha[i], tab.sigma[i], tab.alpha[i + 1], tab.sigma[i + 1]
+    if s_s == 0.0:
+        return x0
+    if _singular(a_t, f, g2):
+        return ddim_step(x, x0, a_t, s_t, a_s, s_s, eta=1.0, noise=noise)
+    score = score_from_x0(x, x0, a_t, s_t)
+    if predictor == "reverse_diffusion":
+        return reverse_diffusion_step(x, score, a_t, s_t, a_s, s_s, noise)
+    return euler_maruyama_step(x, score, f, g2, tab.t[i] - tab.t[i + 1], noise)
+
+
 def sample_euler_maruyama(
     model,
     x: Tensor,
@@ -76,16 +92,9 @@ def sample_euler_maruyama(
     space, ts, tab, model_x0, hooks = prepare(model, x, ts, space, callback, constrain, check_finite)
     f_tab, g2_tab = _sde_tables(model.process, ts)
     for i in range(len(tab) - 1):
-        a_t, s_t, a_s, s_s = tab.alpha[i], tab.sigma[i], tab.alpha[i + 1], tab.sigma[i + 1]
         x0 = model_x0(x, tab.t[i], i)
-        if s_s == 0.0:
-            x = x0
-        elif _singular(a_t, f_tab[i], g2_tab[i]):
-            x = ddim_step(x, x0, a_t, s_t, a_s, s_s, eta=1.0, noise=space.noise(generator).to(x.dtype))
-        else:
-            h = tab.t[i] - tab.t[i + 1]
-            score = score_from_x0(x, x0, a_t, s_t)
-            x = euler_maruyama_step(x, score, f_tab[i], g2_tab[i], h, space.noise(generator).to(x.dtype))
+        noise = space.noise(generator).to(x.dtype) if tab.sigma[i + 1] > 0 else None
+        x = _predictor_step(x, x0, tab, i, f_tab[i], g2_tab[i], noise, "euler_maruyama")
         x = hooks.after_step(i, tab.t[i + 1], x, x0)
     return SamplerOutput(x, model_x0.nfe)
 
@@ -160,16 +169,7 @@ def sample_pc(
                 score = score_from_x0(x, model_x0(x, tab.t[i], i), a_t, s_t)
                 x = space.project(langevin_step(x, score, space.noise(generator).to(x.dtype), space, snr, r, norms))
         x0 = model_x0(x, tab.t[i], i)
-        if s_s == 0.0:
-            x = x0
-        elif _singular(a_t, f_tab[i], g2_tab[i]):
-            x = ddim_step(x, x0, a_t, s_t, a_s, s_s, eta=1.0, noise=space.noise(generator).to(x.dtype))
-        else:
-            score = score_from_x0(x, x0, a_t, s_t)
-            noise = space.noise(generator).to(x.dtype)
-            if predictor == "reverse_diffusion":
-                x = reverse_diffusion_step(x, score, a_t, s_t, a_s, s_s, noise)
-            else:
-                x = euler_maruyama_step(x, score, f_tab[i], g2_tab[i], tab.t[i] - tab.t[i + 1], noise)
+        noise = space.noise(generator).to(x.dtype) if s_s > 0 else None
+        x = _predictor_step(x, x0, tab, i, f_tab[i], g2_tab[i], noise, predictor)
         x = hooks.after_step(i, tab.t[i + 1], x, x0)
     return SamplerOutput(x, model_x0.nfe)

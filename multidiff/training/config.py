@@ -247,28 +247,17 @@ def _coerce(value: Any, tp, name: str) -> Any:
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"{name} expects a boolean (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} expects an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
+    if tp is int or tp is float:
+        kind = "an integer" if tp is int else "a number"
+        ok = (int,) if tp is int else (int, float)
+        if isinstance(value, ok) and not isinstance(value, bool):
+            return tp(value)
         if isinstance(value, str):
             try:
-                return int(value)
+                return tp(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name} expects an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} expects a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name} expects a number, got {value!r}")
+        raise ConfigError(f"{name} expects {kind}, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
