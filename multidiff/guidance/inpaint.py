@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..samplers.common import SamplerOutput, ancestral_step, prepare
+from ..samplers.common import SamplerOutput, ancestral_step, prepare, transition_variance
 from ..space import GraphSpace, ShapeError
 from ._util import GuidedModel, _space
 
@@ -180,9 +180,8 @@ def sample_repaint(
             x = hooks.after_step(j, tab.t[k], x, x0)
         else:  # up: forward transition q(x_t | x_s) from index i (= s) to k (= t)
             a_s, s_s, a_t, s_t = tab.alpha[i], tab.sigma[i], tab.alpha[k], tab.sigma[k]
-            ratio = a_t / a_s
-            std = math.sqrt(max(s_t**2 - ratio**2 * s_s**2, 0.0))
-            x = ratio * x + std * space.noise(generator).to(x.dtype)
+            std = math.sqrt(transition_variance(a_t, s_t, a_s, s_s))
+            x = (a_t / a_s) * x + std * space.noise(generator).to(x.dtype)
             if callback is not None:
                 callback({"i": j, "t": tab.t[k], "x": x, "x0": None})
     return SamplerOutput(x, model_x0.nfe)

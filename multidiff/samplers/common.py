@@ -19,7 +19,7 @@ from torch import Tensor
 from ..schedules import check_grid
 from ..space import DenseSpace
 
-__all__ = ["SamplerOutput", "NonFiniteError", "Evaluator", "GridTables", "prepare", "Hooks", "ddim_step", "ancestral_step"]
+__all__ = ["SamplerOutput", "NonFiniteError", "Evaluator", "GridTables", "prepare", "Hooks", "ddim_step", "ancestral_step", "transition_variance"]
 
 
 class SamplerOutput(NamedTuple):
@@ -121,6 +121,12 @@ def eps_from_x0(x: Tensor, x0: Tensor, alpha: float, sigma: float) -> Tensor:
     return (x - alpha * x0) / sigma
 
 
+def transition_variance(a_t: float, s_t: float, a_s: float, s_s: float) -> float:
+    """``sigma_{t|s}^2 = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2``, the variance of the forward
+    transition ``q(x_t | x_s)`` for ``s < t`` (Kingma et al. 2021, eq. 3-4), clamped at 0 against rounding."""
+    return max(s_t**2 - (a_t / a_s) ** 2 * s_s**2, 0.0)
+
+
 def ddim_step(
     x: Tensor,
     x0: Tensor,
@@ -140,8 +146,7 @@ def ddim_step(
         return x0
     c2 = 0.0
     if eta > 0:
-        var_ts = s_t**2 - (a_t / a_s) ** 2 * s_s**2
-        c2 = eta**2 * max(var_ts, 0.0) * s_s**2 / s_t**2
+        c2 = eta**2 * transition_variance(a_t, s_t, a_s, s_s) * s_s**2 / s_t**2
     eps = eps_from_x0(x, x0, a_t, s_t)
     out = a_s * x0 + math.sqrt(max(s_s**2 - c2, 0.0)) * eps
     if c2 > 0:
@@ -167,7 +172,7 @@ def ancestral_step(
     ``x0`` when ``sigma_s = 0``."""
     if s_s == 0.0:
         return x0
-    var_ts = max(s_t**2 - (a_t / a_s) ** 2 * s_s**2, 0.0)
+    var_ts = transition_variance(a_t, s_t, a_s, s_s)
     post = var_ts * s_s**2 / s_t**2
     mean = a_s * x0 + math.sqrt(max(s_s**2 - post, 0.0)) * eps_from_x0(x, x0, a_t, s_t)
     return mean + math.sqrt(post if variance == "posterior" else var_ts) * noise

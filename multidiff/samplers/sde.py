@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from .common import SamplerOutput, ddim_step, prepare
+from .common import SamplerOutput, ddim_step, prepare, transition_variance
 
 __all__ = ["NORMS", "PREDICTORS", "sample_euler_maruyama", "sample_pc"]
 
@@ -56,7 +56,7 @@ def reverse_diffusion_step(x: Tensor, score: Tensor, a_t: float, s_t: float, a_s
     ``G^2 = sigma_t^2 - r^2 sigma_s^2`` (for VP ``r = sqrt(1 - beta_i)``, ``G^2 = beta_i``; for VE
     ``r = 1``, ``G^2 = sigma_i^2 - sigma_{i-1}^2``): ``x_s = x - (r - 1) x + G^2 score + G z``."""
     r = a_t / a_s
-    g2 = max(s_t**2 - r**2 * s_s**2, 0.0)
+    g2 = transition_variance(a_t, s_t, a_s, s_s)
     return (2.0 - r) * x + g2 * score + math.sqrt(g2) * noise
 
 
